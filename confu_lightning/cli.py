@@ -1,0 +1,104 @@
+"""The `confu` command: `confu <subcommand> [--config FILE] [key=value ...]`.
+
+Only this module prints and exits. Subcommands import their heavy dependencies (torch,
+transformers) inside their handler, so `confu --help` stays fast. A `ConfuError` from the library
+becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from confu_lightning import __version__
+from confu_lightning.errors import ConfuError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _load(args: argparse.Namespace):
+    from confu_lightning.config.io import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _say(message: str) -> None:
+    print(f"[confu] {message}", file=sys.stderr, flush=True)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from confu_lightning.config.io import render_yaml
+
+    print(render_yaml(_load(args), docs=not args.no_docs), end="")
+    return 0
+
+
+def cmd_target(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    _quiet_transformers()
+    from confu_lightning.run import run_target
+
+    result = run_target(cfg, progress=_say)
+    rows = [
+        ("target", result["name"]),
+        ("architecture", result["architecture"]),
+        ("layers", result["num_layers"]),
+        ("hidden size", result["hidden_size"]),
+        ("attention heads / KV heads", f"{result['num_heads']} / {result['num_kv_heads']}"),
+        ("vocabulary", f"{result['vocab_size']:,}"),
+        ("parameters", f"{result['num_parameters']:,} ({result['num_parameters'] / 1e6:.1f} M)"),
+        ("aux layers (HF hidden_states idx)", result["aux_layers"]),
+        ("dtype / device", f"{result['dtype']} / {result['device']}"),
+        ("load time", f"{result['load_s']} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    print(f"\nprompt: {result['prompt']}")
+    print(f"reply ({result['reply_tokens_per_s']} tokens/s): {result['reply']}")
+    return 0
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
+    "config": ("print the resolved config as YAML, each key with its documentation", cmd_config),
+    "target": ("load the configured target, print its summary and answer a sample prompt", cmd_target),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="confu",
+        description="Train and evaluate speculative-decoding drafts (EAGLE-3, ConFu) with Lightning.",
+        epilog="Every subcommand takes --config FILE and key=value overrides, e.g. "
+        "`confu target target.name=tiny-random-llama`.",
+    )
+    parser.add_argument("--version", action="version", version=f"confu_lightning {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
+    for name, (help_text, handler) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", "-c", metavar="FILE", help="experiment YAML file (overrides of the defaults)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
+        if name == "config":
+            p.add_argument("--no-docs", action="store_true", help="omit the per-key documentation comments")
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfuError as err:
+        print(f"confu {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"confu {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

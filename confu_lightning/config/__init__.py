@@ -1,0 +1,1 @@
+"""Configuration: the typed schema (`schema`) and its YAML/override loader (`io`)."""

@@ -1,0 +1,17 @@
+"""Exceptions that the CLI turns into one-line messages.
+
+Library code raises these with a message that names the offending thing (file, key, model) and
+says what to do; only `cli.py` prints them and exits non-zero.
+"""
+
+
+class ConfuError(Exception):
+    """A user-facing error: bad input, missing file, incompatible artefacts."""
+
+
+class ConfigError(ConfuError, ValueError):
+    """A configuration key is unknown, mistyped or out of range."""
+
+
+class TargetError(ConfuError):
+    """A target model cannot be found, fetched, converted or used as configured."""
