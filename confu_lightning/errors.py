@@ -15,3 +15,11 @@ class ConfigError(ConfuError, ValueError):
 
 class TargetError(ConfuError):
     """A target model cannot be found, fetched, converted or used as configured."""
+
+
+class DataError(ConfuError, ValueError):
+    """A data source or record set cannot be read, parsed or tokenised as configured."""
+
+
+class CacheError(ConfuError):
+    """A hidden-state cache is missing, incomplete, corrupt or built for another target."""
