@@ -61,6 +61,45 @@ def cmd_target(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    _quiet_transformers()
+    from confu_lightning.run import run_prepare
+
+    result = run_prepare(cfg, progress=_say, experiment_file=args.config)
+    print(f"conversations: {result['loaded']} loaded, {result['written']} written now, "
+          f"{result['already_done']} already done, {result['total_on_disk']} on disk in {result['output_dir']}")
+    if "tokens_per_s" in result:
+        print(f"regeneration: {result['new_tokens']:,} new tokens in {result['seconds']} s "
+              f"({result['tokens_per_s']} tokens/s)")
+    print(f"records: {result['skip_summary']}")
+    _say_mlflow(cfg, result)
+    return 0
+
+
+def _say_mlflow(cfg, result: dict) -> None:
+    if result.get("mlflow_run_id"):
+        print(f"mlflow: run {result['mlflow_run_id']} in {cfg.tracking.uri} (browse with `mlflow ui "
+              f"--backend-store-uri {cfg.tracking.uri}`)")
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    _quiet_transformers()
+    from confu_lightning.run import run_cache
+
+    result = run_cache(cfg, progress=_say, experiment_file=args.config)
+    print(f"cache: {result['samples']} samples, {result['tokens']:,} tokens in {result['shards']} shard(s) "
+          f"at {result['cache_dir']}")
+    if "draft_vocab_size" in result:
+        print(f"storage: {result['bytes_per_token']} bytes/token; draft vocabulary {result['draft_vocab_size']} "
+              f"({result['distinct_supervised_tokens']} distinct supervised tokens)"
+              + (f"; {result['vocab_note']}" if result["vocab_note"] else ""))
+    print(f"records: {result['skip_summary']}")
+    _say_mlflow(cfg, result)
+    return 0
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -71,6 +110,8 @@ def _quiet_transformers() -> None:
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "config": ("print the resolved config as YAML, each key with its documentation", cmd_config),
     "target": ("load the configured target, print its summary and answer a sample prompt", cmd_target),
+    "prepare": ("load conversations and let the target regenerate every answer (resumable)", cmd_prepare),
+    "cache": ("tokenise prepared conversations and cache the target's hidden states (resumable)", cmd_cache),
 }
 
 

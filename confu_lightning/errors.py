@@ -23,3 +23,7 @@ class DataError(ConfuError, ValueError):
 
 class CacheError(ConfuError):
     """A hidden-state cache is missing, incomplete, corrupt or built for another target."""
+
+
+class DraftError(ConfuError):
+    """A draft model is configured, built, fed or loaded inconsistently (shapes, vocabulary, RoPE, masks)."""

@@ -27,3 +27,23 @@ def tiny_target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-random-llama")
     build_tiny_llama(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def _migrated_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite store created once (creating the tables takes seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(_migrated_mlflow_db: Path, tmp_path: Path) -> str:
+    """A fresh, already-migrated MLflow SQLite store for one test."""
+    import shutil
+
+    path = tmp_path / "mlflow.db"
+    shutil.copy(_migrated_mlflow_db, path)
+    return f"sqlite:///{path}"

@@ -183,6 +183,7 @@ def save_config(cfg: Any, directory: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(render_yaml(cfg))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the config is meant to be shared
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -59,7 +59,7 @@ class DataSourceConfig:
     path: str = "builtin"
     """`builtin`, a hub dataset id (e.g. `HuggingFaceH4/ultrachat_200k`) or a local JSON / JSONL file."""
     format: Literal["auto", "sharegpt", "ultrachat", "messages"] = "auto"
-    """Record layout; `auto` detects it from the first record."""
+    """Record layout; `auto` detects it per record (`conversations` → ShareGPT, else `messages`)."""
     split: str = "train"
     """Dataset split for hub sources (`train_sft` for UltraChat)."""
     limit: int | None = None

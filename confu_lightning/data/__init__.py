@@ -1,0 +1,1 @@
+"""Training data: conversation sources and adapters (`conversations`), chat-template tokenisation (`chat`)."""

@@ -1,0 +1,1 @@
+"""Draft models (EAGLE-3, ConFu) and their reduced vocabulary; they receive target tensors, never the target."""

@@ -1,0 +1,1 @@
+"""Lightning glue: DataModules and LightningModules that wrap the pure-torch pieces."""
