@@ -19,7 +19,7 @@ demo: venv
 	$(BIN)/confu target
 
 test: venv
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q 
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 test-slow: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
