@@ -100,6 +100,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    _quiet_transformers()
+    from confu_lightning.run import run_train
+
+    result = run_train(cfg, progress=_say, experiment_file=args.config)
+    if int(__import__("os").environ.get("RANK", 0)) != 0:
+        return 0
+    shown = {k: v for k, v in result.items() if k.startswith(("val/acc_k", "val/sim_tau", "train/loss"))}
+    for key in sorted(shown):
+        print(f"{key:<20} {shown[key]:.4f}")
+    print(f"steps: {result['global_step']}; checkpoints: {result['last_checkpoint']}"
+          + (f", {result['best_checkpoint']}" if "best_checkpoint" in result else ""))
+    _say_mlflow(cfg, result)
+    return 0
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -112,6 +129,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "target": ("load the configured target, print its summary and answer a sample prompt", cmd_target),
     "prepare": ("load conversations and let the target regenerate every answer (resumable)", cmd_prepare),
     "cache": ("tokenise prepared conversations and cache the target's hidden states (resumable)", cmd_cache),
+    "train": ("train an EAGLE-3 draft on the cache (or online with the target); resumes from last.ckpt", cmd_train),
 }
 
 

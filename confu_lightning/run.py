@@ -8,7 +8,7 @@ an optional callback; this module never prints.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confu_lightning.config.schema import ExperimentConfig
@@ -146,24 +146,45 @@ def run_prepare(cfg: ExperimentConfig, progress: Progress | None = None, show_ba
     return result
 
 
-def cache_identity(cfg: ExperimentConfig, target: Any):
+def cache_identity(cfg: ExperimentConfig, model_path: str, tokenizer: Any, aux_layers: list[int], hidden_size: int):
     """What the cached features depend on: target weights, tokenizer, chat template, layers."""
     from pathlib import Path
 
     from confu_lightning.cache.format import CacheIdentity, fingerprint_model_dir, hash_text
 
-    path = Path(target.model.config._name_or_path or "")
+    path = Path(model_path or "")
     revision = fingerprint_model_dir(path) if (path / "config.json").is_file() else (cfg.target.revision or "main")
-    tok = target.tokenizer
-    tok_json = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else str(tok.get_vocab())
+    tok_json = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else str(tokenizer.get_vocab())
     return CacheIdentity(
         target=cfg.target.name,
         target_revision=revision,
         tokenizer_hash=hash_text(tok_json),
-        chat_template_hash=hash_text(tok.chat_template),
-        aux_layers=tuple(target.aux_layers),
-        hidden_size=target.hidden_size,
+        chat_template_hash=hash_text(tokenizer.chat_template),
+        aux_layers=tuple(aux_layers),
+        hidden_size=hidden_size,
     )
+
+
+def target_identity(target: Any, cfg: ExperimentConfig):
+    """`cache_identity` of a loaded `TargetModel`."""
+    return cache_identity(cfg, target.model.config._name_or_path, target.tokenizer, target.aux_layers,
+                          target.hidden_size)
+
+
+def expected_identity(cfg: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
+    """The cache identity the configured target would produce, from its config and tokenizer only
+    (no weights). Returns it with the target's HF config as a dict."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from confu_lightning.target.registry import resolve_target
+    from confu_lightning.target.wrapper import resolve_aux_layers
+
+    path = resolve_target(cfg.target.name)
+    kwargs = {"revision": cfg.target.revision, "trust_remote_code": cfg.target.trust_remote_code}
+    hf_config = AutoConfig.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    layers = resolve_aux_layers(cfg.target.aux_layers, hf_config.num_hidden_layers)
+    return cache_identity(cfg, path, tokenizer, layers, hf_config.hidden_size), hf_config.to_dict()
 
 
 def _barrier_and_finalize(world: int, rank: int, cache_dir: Any) -> None:
@@ -219,7 +240,7 @@ def run_cache(cfg: ExperimentConfig, progress: Progress | None = None, show_bars
         out = target(input_ids.to(target.device), attention_mask=attention_mask.to(target.device), logits_to_keep=1)
         return out.aux_hidden, out.last_hidden
 
-    identity = cache_identity(cfg, target)
+    identity = target_identity(target, cfg)
     cache_dir = Path(cfg.cache.dir)
     write_cache(samples, forward_fn, cache_dir, identity, shard_tokens=cfg.cache.shard_tokens,
                 batch_size=cfg.cache.batch_size, dtype=DTYPES[cfg.cache.dtype], rank=rank, world_size=world,
@@ -241,4 +262,165 @@ def run_cache(cfg: ExperimentConfig, progress: Progress | None = None, show_bars
         result["bytes_per_token"] = round(disk / max(1, result["tokens"]), 2)
         _log_step(cfg, "cache", result, experiment_file,
                   artifacts=(cache_dir / "config.yaml", cache_dir / "manifest.json"))
+    return result
+
+
+RESUMABLE_CHANGES = ("train.max_steps", "train.resume", "train.force_resume", "tracking.")
+"""Config keys that may differ between a checkpoint and the run resuming it."""
+
+
+def _check_resume(cfg: ExperimentConfig, last) -> None:
+    import torch
+
+    from confu_lightning.config.io import flatten
+    from confu_lightning.errors import ConfigError
+
+    saved = torch.load(last, map_location="cpu", weights_only=False).get("confu_config") or {}
+    now = flatten(cfg)
+    changed = sorted(k for k in set(saved) | set(now)
+                     if saved.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if changed and not cfg.train.force_resume:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise ConfigError(f"{last} was trained with another config ({shown}{', ...' if len(changed) > 4 else ''}); "
+                          "use another train.output_dir, set train.resume=false to start over, or "
+                          "train.force_resume=true to continue anyway")
+
+
+def _offline_parts(cfg: ExperimentConfig):
+    """Draft ingredients from the cache: vocab, frozen heads, aux layers, target config, DataModule."""
+    from pathlib import Path
+
+    from confu_lightning.cache.reader import open_cache
+    from confu_lightning.draft.vocab import load_vocab
+    from confu_lightning.lit.datamodules import HiddenStateCacheDataModule
+    from confu_lightning.target.wrapper import load_heads
+
+    identity, hf_config = expected_identity(cfg)
+    cache_dir = Path(cfg.cache.dir)
+    open_cache(cache_dir, identity)  # refuses a cache of another target / layers / tokenizer early
+    vocab = load_vocab(cache_dir / "draft_vocab.safetensors", target_vocab_size=hf_config["vocab_size"])
+    heads = load_heads(cache_dir / "target_heads.safetensors")
+    t = cfg.train
+    dm = HiddenStateCacheDataModule(cache_dir, expected_identity=identity, batch_tokens=t.batch_tokens,
+                                    batching=t.batching, val_fraction=t.val_fraction, seed=cfg.seed,
+                                    num_workers=t.num_workers)
+    return vocab, heads, list(identity.aux_layers), hf_config, dm, None
+
+
+def _online_parts(cfg: ExperimentConfig, progress: Progress | None):
+    """Draft ingredients with the target in the loop: vocab from the prepared data, live features."""
+    from confu_lightning.data.chat import tokenize_conversations
+    from confu_lightning.data.conversations import SkipCounts
+    from confu_lightning.data.regenerate import iter_regenerated
+    from confu_lightning.draft.vocab import build_draft_vocab, count_tokens
+    from confu_lightning.errors import DataError
+    from confu_lightning.lit.datamodules import ConversationDataModule
+    from confu_lightning.target.wrapper import load_target
+    from confu_lightning.train.features import target_features
+    import torch
+
+    _, world, local = dist_env()
+    target = load_target(_rank_target_config(cfg, local, world), progress=progress)
+    conversations = list(iter_regenerated(cfg.data.output_dir))
+    if not conversations:
+        raise DataError(f"no prepared conversations in {cfg.data.output_dir}; run `confu prepare` first")
+    samples = tokenize_conversations(target.tokenizer, conversations, cfg.data.max_seq_len, cfg.data.overlong,
+                                     SkipCounts())
+    counts = count_tokens([torch.tensor(s.input_ids) for s in samples], [torch.tensor(s.loss_mask) for s in samples],
+                          target.vocab_size)
+    vocab = build_draft_vocab(counts, cfg.draft.vocab_size)
+    t = cfg.train
+    dm = ConversationDataModule(samples, batch_tokens=t.batch_tokens, batching=t.batching,
+                                val_fraction=t.val_fraction, seed=cfg.seed, num_workers=t.num_workers,
+                                pad_id=target.tokenizer.pad_token_id or 0)
+    hf_config = target.model.config.to_dict()
+    return vocab, target.frozen_heads(), target.aux_layers, hf_config, dm, target_features(target)
+
+
+def build_eagle3(cfg: ExperimentConfig, vocab: Any, heads: Any, aux_layers: list[int], hf_config: dict):
+    """An `Eagle3Draft` shaped after the target, with its frozen embedding and draft vocabulary."""
+    from confu_lightning.draft.eagle3 import Eagle3Draft, draft_config_from_target
+
+    dcfg = draft_config_from_target(hf_config, vocab.draft_size, cfg.draft.n_layers, aux_layers)
+    draft = Eagle3Draft(dcfg)
+    draft.load_embedding(heads.embedding_weight)
+    draft.set_vocab(vocab.d2t, vocab.t2d)
+    return draft
+
+
+def _callbacks(cfg: ExperimentConfig, ckpt_dir):
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", save_top_k=0, save_last=True,
+                                 every_n_train_steps=cfg.train.ckpt_every_steps, auto_insert_metric_name=False)]
+    if cfg.train.val_fraction > 0:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/sim_tau", mode="max",
+                                         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False))
+    if cfg.tracking.enabled:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return callbacks
+
+
+def run_train(cfg: ExperimentConfig, progress: Progress | None = None, show_bars: bool = True,
+              experiment_file: str | None = None, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train an EAGLE-3 draft (offline from the cache or online with the target) with Lightning.
+
+    Writes `config.yaml`, `checkpoints/last.ckpt` (every `train.ckpt_every_steps`) and
+    `checkpoints/best.ckpt` (by `val/sim_tau`) in `train.output_dir`; resumes from `last.ckpt`.
+    Returns the final metrics and paths.
+    """
+    from pathlib import Path
+
+    import lightning as L
+
+    from confu_lightning.config.io import flatten, save_config
+    from confu_lightning.lit.eagle3_module import Eagle3LitModule
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    out_dir = Path(cfg.train.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    resume = cfg.train.resume and last.exists()
+    if resume:
+        _check_resume(cfg, last)
+    if cfg.train.mode == "offline":
+        vocab, heads, aux_layers, hf_config, dm, source = _offline_parts(cfg)
+    else:
+        vocab, heads, aux_layers, hf_config, dm, source = _online_parts(cfg, progress)
+    draft = build_eagle3(cfg, vocab, heads, aux_layers, hf_config)
+    t = cfg.train
+    module = Eagle3LitModule(draft, heads.lm_head_weight, optim=cfg.optim, ttt_steps=t.ttt_steps,
+                             step_weight=t.step_weight, max_steps=t.max_steps, feature_source=source,
+                             run_config=flatten(cfg), data_order_dir=out_dir if t.record_data_order else None)
+    logger = False
+    if cfg.tracking.enabled:
+        from confu_lightning.tracking import config_params, make_lightning_logger
+
+        logger = make_lightning_logger(cfg, "train", experiment_file)
+        logger.log_hyperparams(config_params(cfg))
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=t.precision, max_steps=t.max_steps, val_check_interval=t.val_every_steps,
+        check_val_every_n_epoch=None, limit_val_batches=None if t.val_fraction > 0 else 0,
+        gradient_clip_val=cfg.optim.grad_clip or None, use_distributed_sampler=False,
+        default_root_dir=out_dir, logger=logger, callbacks=[*_callbacks(cfg, ckpt_dir), *callbacks],
+        log_every_n_steps=t.log_every_steps, enable_progress_bar=show_bars, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    if trainer.is_global_zero:
+        save_config(cfg, out_dir)
+    if progress:
+        progress(("resuming from " + str(last)) if resume else f"training {t.max_steps} steps into {out_dir}")
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+    trainer.save_checkpoint(last)
+    result = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    result.update(global_step=trainer.global_step, output_dir=str(out_dir), last_checkpoint=str(last))
+    best = ckpt_dir / "best.ckpt"
+    if best.exists():
+        result["best_checkpoint"] = str(best)
+    if logger and trainer.is_global_zero:
+        logger.experiment.log_artifact(logger.run_id, str(out_dir / "config.yaml"))
+        if best.exists():
+            logger.experiment.log_artifact(logger.run_id, str(best), "checkpoints")
+        result["mlflow_run_id"] = logger.run_id
     return result

@@ -13,7 +13,7 @@ from confu_lightning.config.io import load_config
 from confu_lightning.draft.vocab import load_vocab
 from confu_lightning.errors import CacheError, DataError
 from confu_lightning.lit.datamodules import HiddenStateCacheDataModule
-from confu_lightning.run import cache_identity, run_cache, run_prepare
+from confu_lightning.run import expected_identity, run_cache, run_prepare, target_identity
 from confu_lightning.target.wrapper import load_heads, load_target
 
 
@@ -52,7 +52,8 @@ def test_prepare_and_cache_outputs(pipeline) -> None:
 def test_cached_features_equal_a_fresh_target_forward(pipeline) -> None:
     cfg, _, _ = pipeline
     target = load_target(cfg.target)
-    cache = open_cache(cfg.cache.dir, cache_identity(cfg, target))
+    assert expected_identity(cfg)[0] == target_identity(target, cfg)
+    cache = open_cache(cfg.cache.dir, target_identity(target, cfg))
     sample = cache[0]
     out = target(sample.input_ids[None])
     torch.testing.assert_close(sample.aux_hidden, out.aux_hidden[0], rtol=1e-5, atol=1e-5)

@@ -178,6 +178,9 @@ class OptimConfig:
 class TrainConfig:
     """Lightning Trainer settings and the training-time-test unroll."""
 
+    mode: Literal["offline", "online"] = "offline"
+    """`offline`: features from the hidden-state cache (`cache.dir`); `online`: the target runs in
+    the loop on the prepared conversations (`data.output_dir`), as ConFu needs."""
     ttt_steps: int = 7
     """Training-time-test unroll depth K."""
     step_weight: float = 0.8
@@ -185,7 +188,11 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps."""
     batch_tokens: int = 4096
-    """Token budget per batch."""
+    """Token budget per batch (padded rows x longest row, or the packed row length)."""
+    batching: Literal["bucket", "pack"] = "bucket"
+    """`bucket`: pad samples of similar length together; `pack`: concatenate samples into one row."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
     """Lightning precision plugin."""
     accelerator: str = "auto"
@@ -199,16 +206,28 @@ class TrainConfig:
     val_fraction: float = 0.05
     """Fraction of samples held out for validation."""
     val_every_steps: int = 200
-    """Validation interval in optimizer steps."""
+    """Validation interval in optimizer steps; the best checkpoint is chosen by `val/sim_tau`."""
+    ckpt_every_steps: int = 100
+    """Interval in optimizer steps between `last.ckpt` saves (a killed run resumes from it)."""
+    log_every_steps: int = 10
+    """Interval in optimizer steps between metric logs."""
     output_dir: str = "runs/train"
     """Where checkpoints and the resolved config are written."""
     resume: bool = True
-    """Resume from `last.ckpt` in `train.output_dir` when present."""
+    """Resume from `checkpoints/last.ckpt` in `train.output_dir` when present."""
+    force_resume: bool = False
+    """Resume even though the config differs from the one the checkpoint was trained with."""
+    record_data_order: bool = False
+    """Write `data_order.rank<r>.jsonl` (per step: a hash of every sample in the batch; at the end a
+    checksum of the weights), to audit DDP sharding and reproducibility."""
 
     def __post_init__(self) -> None:
         _require(self.ttt_steps >= 1, "train.ttt_steps", f"must be >= 1, got {self.ttt_steps}")
         _require(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
         _require(0 <= self.val_fraction < 1, "train.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _require(self.batch_tokens >= 8, "train.batch_tokens", f"must be >= 8, got {self.batch_tokens}")
+        for key in ("val_every_steps", "ckpt_every_steps", "log_every_steps", "devices", "num_nodes"):
+            _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

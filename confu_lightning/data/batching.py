@@ -7,7 +7,9 @@ shuffled with `seed + epoch`. Under DDP every rank takes every `world_size`-th b
 list (the list is cut to a multiple of `world_size`, so all ranks run the same number of steps
 and see disjoint samples). `state_dict` records the epoch and the batches already served, so a
 resumed run continues with the next unseen batch. Collation builds plain dataclasses
-(`TokenBatch`) that Lightning can move between devices.
+(`TokenBatch`) that Lightning can move between devices. `seek(consumed)` repositions the sampler
+from a batch count alone (epochs are deterministic), which is how a resumed run finds its place
+without trusting a prefetching loader's own position.
 """
 
 from __future__ import annotations
@@ -123,7 +125,21 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.served = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.served = epoch, 0
+        """Called by Lightning at every epoch start; keeps the position when the epoch is unchanged."""
+        if epoch != self.epoch:
+            self.epoch, self.served = epoch, 0
+
+    def seek(self, consumed: int) -> None:
+        """Position after `consumed` batches in total since epoch 0 (how a resumed run catches up)."""
+        epoch = 0
+        while True:
+            self.epoch, self.served = epoch, 0
+            n = len(self)
+            if consumed < n or n == 0:
+                self.served = consumed
+                return
+            consumed -= n
+            epoch += 1
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "served": self.served, "seed": self.seed}

@@ -1,7 +1,7 @@
 """Response regeneration: the target re-answers every user turn, so the draft learns the target's own
 distribution (EAGLE-3 §4 / SpecForge practice; DESIGN.md §5).
 
-Conversations are processed in chunks of `batch_size`. Inside a chunk the user turns are answered
+Conversations are processed in chunks of `batch_size`, shortest first (less left padding). Inside a chunk the user turns are answered
 in order, turn by turn, one batched left-padded `generate` per turn depth, each answer feeding
 the next turn's history; original assistant turns are discarded. Finished chunks are appended to
 a JSONL file and flushed, so a killed run resumes where it stopped: ids already on disk are
@@ -111,7 +111,8 @@ def regenerate(
     repair_jsonl(path)
     done = {c.id for c in iter_regenerated(out)}
     mine = [c for i, c in enumerate(conversations) if i % world_size == rank]
-    todo = [c for c in mine if c.id not in done]
+    # Similar lengths share a chunk, so left padding wastes little compute.
+    todo = sorted((c for c in mine if c.id not in done), key=lambda c: sum(len(m["content"]) for m in c.messages))
     report = RegenerateReport(already_done=len(mine) - len(todo), path=str(path), skipped=Counter())
     started = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"regenerate[rank {rank}]", unit="conv", disable=not progress)

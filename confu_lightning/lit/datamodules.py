@@ -3,9 +3,10 @@
 
 Both split samples into train / validation with a seeded permutation, batch them under a token
 budget (`data/batching.py`: length buckets or packing), give each DDP rank a disjoint share of
-every epoch's batches and save the data position in Lightning checkpoints (`state_dict`), so a
-resumed run continues with the next unseen batch. Because the batch sampler shards by rank
-itself, build the Trainer with `use_distributed_sampler=False`.
+every epoch's batches, and a resumed run continues with the next unseen batch: the train sampler
+is positioned from the restored `trainer.global_step` (× gradient accumulation), because the
+loader prefetches and its own position runs ahead of the optimizer. Because the batch sampler
+shards by rank itself, build the Trainer with `use_distributed_sampler=False`.
 """
 
 from __future__ import annotations
@@ -50,8 +51,6 @@ class _TokenBudgetDataModule(L.LightningDataModule):
         self.lengths: list[int] = []
         self.train_idx: list[int] = []
         self.val_idx: list[int] = []
-        self._train_sampler: TokenBudgetBatchSampler | None = None
-        self._pending_state: dict[str, int] | None = None
 
     def _load(self) -> tuple[Dataset, list[int]]:
         raise NotImplementedError
@@ -84,27 +83,15 @@ class _TokenBudgetDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         loader = self._loader(self.train_idx, shuffle=True)
-        self._train_sampler = loader.batch_sampler  # type: ignore[assignment]
-        if self._pending_state is not None:
-            self._train_sampler.load_state_dict(self._pending_state)
-            self._pending_state = None
+        sampler: TokenBudgetBatchSampler = loader.batch_sampler  # type: ignore[assignment]
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and getattr(trainer, "global_step", 0):
+            sampler.seek(trainer.global_step * getattr(trainer, "accumulate_grad_batches", 1))
         return loader
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
         return self._loader(self.val_idx, shuffle=False) if self.val_idx else []  # [] = no validation
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"train_sampler": self._train_sampler.state_dict()} if self._train_sampler else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = state_dict.get("train_sampler")
-        if state is None:
-            return
-        if self._train_sampler is not None:
-            self._train_sampler.load_state_dict(state)
-        else:
-            self._pending_state = dict(state)
 
 
 class HiddenStateCacheDataModule(_TokenBudgetDataModule):

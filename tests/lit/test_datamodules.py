@@ -59,18 +59,19 @@ def test_ranks_get_disjoint_batches() -> None:
     assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
-def test_state_dict_resumes_at_the_next_batch() -> None:
+def test_restored_global_step_resumes_at_the_next_batch() -> None:
     samples = _samples()
     dm = ConversationDataModule(samples, batch_tokens=64, seed=2)
-    reference = [b.input_ids.tolist() for b in dm.train_dataloader()]
-    dm2 = ConversationDataModule(samples, batch_tokens=64, seed=2)
-    it = iter(dm2.train_dataloader())
-    head = [next(it).input_ids.tolist() for _ in range(3)]
-    state = dm2.state_dict()
-    dm3 = ConversationDataModule(samples, batch_tokens=64, seed=2)
-    dm3.load_state_dict(state)  # before the loader exists, as when Lightning restores a checkpoint
-    tail = [b.input_ids.tolist() for b in dm3.train_dataloader()]
-    assert head + tail == reference
+    loader = dm.train_dataloader()  # Lightning iterates one loader once per epoch
+    epoch0 = [b.input_ids.tolist() for b in loader]
+    epoch1 = [b.input_ids.tolist() for b in loader]
+    assert epoch0 != epoch1  # reshuffled per epoch
+    for done in (3, len(epoch0) + 2):  # mid first epoch, mid second epoch
+        resumed = ConversationDataModule(samples, batch_tokens=64, seed=2)
+        resumed.trainer = SimpleNamespace(global_rank=0, world_size=1, global_step=done, accumulate_grad_batches=1)
+        loader = resumed.train_dataloader()
+        tail = [b.input_ids.tolist() for b in loader]
+        assert tail == (epoch0 + epoch1)[done : len(epoch0) if done < len(epoch0) else None]
 
 
 class _TinyLM(L.LightningModule):
