@@ -61,12 +61,17 @@ def cmd_target(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
+def _run_step(args: argparse.Namespace, function: str) -> tuple[object, dict]:
+    """Load the config, quieten transformers, run `confu_lightning.run.<function>`."""
     cfg = _load(args)
     _quiet_transformers()
-    from confu_lightning.run import run_prepare
+    import confu_lightning.run as run
 
-    result = run_prepare(cfg, progress=_say, experiment_file=args.config)
+    return cfg, getattr(run, function)(cfg, progress=_say, experiment_file=args.config)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    cfg, result = _run_step(args, "run_prepare")
     print(f"conversations: {result['loaded']} loaded, {result['written']} written now, "
           f"{result['already_done']} already done, {result['total_on_disk']} on disk in {result['output_dir']}")
     if "tokens_per_s" in result:
@@ -84,11 +89,7 @@ def _say_mlflow(cfg, result: dict) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    _quiet_transformers()
-    from confu_lightning.run import run_cache
-
-    result = run_cache(cfg, progress=_say, experiment_file=args.config)
+    cfg, result = _run_step(args, "run_cache")
     print(f"cache: {result['samples']} samples, {result['tokens']:,} tokens in {result['shards']} shard(s) "
           f"at {result['cache_dir']}")
     if "draft_vocab_size" in result:
@@ -101,18 +102,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    _quiet_transformers()
-    from confu_lightning.run import run_train
-
-    result = run_train(cfg, progress=_say, experiment_file=args.config)
-    if int(__import__("os").environ.get("RANK", 0)) != 0:
+    cfg, result = _run_step(args, "run_train")
+    if "draft_dir" not in result:  # not the global-zero rank of a multi-process run
         return 0
     shown = {k: v for k, v in result.items() if k.startswith(("val/acc_k", "val/sim_tau", "train/loss"))}
     for key in sorted(shown):
         print(f"{key:<20} {shown[key]:.4f}")
     print(f"steps: {result['global_step']}; checkpoints: {result['last_checkpoint']}"
           + (f", {result['best_checkpoint']}" if "best_checkpoint" in result else ""))
+    print(f"draft: {result['draft_dir']} (export with `confu export`)")
+    _say_mlflow(cfg, result)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    cfg, result = _run_step(args, "run_export")
+    print(f"exported {result['source']} as {result['format']} to {result['output_dir']} "
+          f"({result['bytes'] / 1e6:.1f} MB)")
     _say_mlflow(cfg, result)
     return 0
 
@@ -130,6 +136,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "prepare": ("load conversations and let the target regenerate every answer (resumable)", cmd_prepare),
     "cache": ("tokenise prepared conversations and cache the target's hidden states (resumable)", cmd_cache),
     "train": ("train an EAGLE-3 draft on the cache (or online with the target); resumes from last.ckpt", cmd_train),
+    "export": ("export a trained draft for SGLang (eagle), vLLM (speculators) or as a native checkpoint", cmd_export),
 }
 
 

@@ -291,14 +291,17 @@ def _offline_parts(cfg: ExperimentConfig):
     from pathlib import Path
 
     from confu_lightning.cache.reader import open_cache
-    from confu_lightning.draft.vocab import load_vocab
+    from confu_lightning.draft.vocab import build_draft_vocab, count_tokens, load_vocab
     from confu_lightning.lit.datamodules import HiddenStateCacheDataModule
     from confu_lightning.target.wrapper import load_heads
 
     identity, hf_config = expected_identity(cfg)
     cache_dir = Path(cfg.cache.dir)
-    open_cache(cache_dir, identity)  # refuses a cache of another target / layers / tokenizer early
+    cache = open_cache(cache_dir, identity)  # refuses a cache of another target / layers / tokenizer early
     vocab = load_vocab(cache_dir / "draft_vocab.safetensors", target_vocab_size=hf_config["vocab_size"])
+    if vocab.draft_size != min(cfg.draft.vocab_size, hf_config["vocab_size"]):
+        ids, masks = zip(*cache.token_chunks())  # draft.vocab_size changed since caching: recount (cheap)
+        vocab = build_draft_vocab(count_tokens(ids, masks, hf_config["vocab_size"]), cfg.draft.vocab_size)
     heads = load_heads(cache_dir / "target_heads.safetensors")
     t = cfg.train
     dm = HiddenStateCacheDataModule(cache_dir, expected_identity=identity, batch_tokens=t.batch_tokens,
@@ -341,6 +344,11 @@ def build_eagle3(cfg: ExperimentConfig, vocab: Any, heads: Any, aux_layers: list
     """An `Eagle3Draft` shaped after the target, with its frozen embedding and draft vocabulary."""
     from confu_lightning.draft.eagle3 import Eagle3Draft, draft_config_from_target
 
+    if cfg.draft.init_from:  # e.g. ConFu starting from a trained EAGLE-3 draft
+        from confu_lightning.draft.export import load_exported
+
+        draft = load_exported(cfg.draft.init_from, embedding=heads.embedding_weight)
+        return draft.float()
     dcfg = draft_config_from_target(hf_config, vocab.draft_size, cfg.draft.n_layers, aux_layers)
     draft = Eagle3Draft(dcfg)
     draft.load_embedding(heads.embedding_weight)
@@ -418,9 +426,65 @@ def run_train(cfg: ExperimentConfig, progress: Progress | None = None, show_bars
     best = ckpt_dir / "best.ckpt"
     if best.exists():
         result["best_checkpoint"] = str(best)
+    if trainer.is_global_zero:
+        result["draft_dir"] = str(_save_final_draft(draft, best if best.exists() else last, out_dir / "draft", cfg))
     if logger and trainer.is_global_zero:
         logger.experiment.log_artifact(logger.run_id, str(out_dir / "config.yaml"))
-        if best.exists():
-            logger.experiment.log_artifact(logger.run_id, str(best), "checkpoints")
+        logger.experiment.log_artifact(logger.run_id, result["draft_dir"], "draft")
         result["mlflow_run_id"] = logger.run_id
+    return result
+
+
+def _draft_from_checkpoint(draft: Any, ckpt: Any) -> Any:
+    """Load the `draft.*` weights of a Lightning checkpoint into `draft` (in place)."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    weights = {k.removeprefix("draft."): v for k, v in state.items() if k.startswith("draft.")}
+    draft.load_state_dict(weights, strict=True)
+    return draft
+
+
+def _save_final_draft(draft: Any, ckpt: Any, directory: Any, cfg: ExperimentConfig):
+    """The checkpoint's draft as a native draft directory (what eval and export read)."""
+    from confu_lightning.draft.export import save_draft
+
+    _draft_from_checkpoint(draft, ckpt)
+    return save_draft(draft, directory, overwrite=True,
+                      extra_meta={"source_checkpoint": str(ckpt), "target": cfg.target.name})
+
+
+def run_export(cfg: ExperimentConfig, progress: Progress | None = None, experiment_file: str | None = None):
+    """Export a trained draft to the EAGLE/SGLang, speculators/vLLM or native layout (`export.*`)."""
+    from pathlib import Path
+
+    from confu_lightning.draft.export import export_eagle, export_speculators, load_draft, save_draft
+    from confu_lightning.errors import ConfuError
+    from confu_lightning.target.wrapper import DTYPES
+
+    e = cfg.export
+    source = Path(e.source or Path(cfg.train.output_dir) / "draft")
+    if not source.exists():
+        raise ConfuError(f"no trained draft at {source}; run `confu train` first or set export.source")
+    if source.suffix == ".ckpt":
+        vocab, heads, aux_layers, hf_config, _, _ = _offline_parts(cfg)
+        draft = _draft_from_checkpoint(build_eagle3(cfg, vocab, heads, aux_layers, hf_config), source)
+    else:
+        draft = load_draft(source)
+    out, dtype = Path(e.output_dir), DTYPES[e.dtype]
+    if e.format == "eagle":
+        path = export_eagle(draft, out, target_name_or_path=cfg.target.name, dtype=dtype, overwrite=True)
+    elif e.format == "speculators":
+        from transformers import AutoConfig
+
+        from confu_lightning.target.registry import resolve_target
+
+        archs = AutoConfig.from_pretrained(resolve_target(cfg.target.name)).architectures or ["LlamaForCausalLM"]
+        path = export_speculators(draft, out, verifier_name_or_path=cfg.target.name, verifier_architectures=archs,
+                                  speculative_tokens=e.speculative_tokens, dtype=dtype, overwrite=True)
+    else:
+        path = save_draft(draft.to(dtype), out, overwrite=True, extra_meta={"target": cfg.target.name})
+    result = {"source": str(source), "format": e.format, "output_dir": str(path),
+              "bytes": sum(p.stat().st_size for p in Path(path).iterdir())}
+    _log_step(cfg, "export", result, experiment_file, artifacts=tuple(Path(path).glob("*.json")))
     return result

@@ -125,3 +125,36 @@ def test_two_process_launch_shards_data_and_agrees(kind: str, tiny_target_dir: P
     assert checksums[0] == checksums[1]  # identical weights at the end
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     shutil.rmtree(tmp_path / "home", ignore_errors=True)
+
+
+def test_export_formats_reload_to_the_trained_draft(tiny_target_dir: Path, prepared: Path, tmp_path: Path) -> None:
+    from confu_lightning.draft.export import load_draft, load_exported
+    from confu_lightning.run import run_export
+
+    trained = run_train(_cfg(tiny_target_dir, prepared, tmp_path / "train", "train.max_steps=4"), show_bars=False)
+    reference = load_draft(trained["draft_dir"])
+    ids = torch.randint(0, 320, (1, 6))
+    feature = reference.fuse(torch.randn(1, 6, 3 * 64))
+    pos = torch.arange(6)[None]
+    expected = reference(ids, feature, pos).logits
+    for fmt, source in (("eagle", None), ("speculators", None), ("native", str(tmp_path / "train/checkpoints/last.ckpt"))):
+        overrides = [f"export.format={fmt}", f"export.output_dir={tmp_path / fmt}", "export.dtype=float32"]
+        if source:
+            overrides.append(f"export.source={source}")
+        cfg = _cfg(tiny_target_dir, prepared, tmp_path / "train", "train.max_steps=4", *overrides)
+        result = run_export(cfg)
+        loaded = load_exported(result["output_dir"], embedding=reference.embed_tokens.weight)
+        assert torch.equal(loaded(ids, feature, pos).logits, expected), fmt
+        assert torch.equal(loaded.d2t, reference.d2t)
+
+
+def test_init_from_a_trained_draft(tiny_target_dir: Path, prepared: Path, tmp_path: Path) -> None:
+    from confu_lightning.draft.export import load_draft
+    from confu_lightning.run import _offline_parts, build_eagle3
+
+    trained = run_train(_cfg(tiny_target_dir, prepared, tmp_path / "a", "train.max_steps=2"), show_bars=False)
+    cfg = _cfg(tiny_target_dir, prepared, tmp_path / "b", f"draft.init_from={trained['draft_dir']}")
+    vocab, heads, layers, hf_config, _, _ = _offline_parts(cfg)
+    draft = build_eagle3(cfg, vocab, heads, layers, hf_config)
+    saved = load_draft(trained["draft_dir"], embedding=heads.embedding_weight)
+    assert all(torch.equal(a, b) for a, b in zip(draft.state_dict().values(), saved.state_dict().values()))

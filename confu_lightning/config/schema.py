@@ -255,6 +255,24 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """Export of a trained draft for serving engines (`confu export`)."""
+
+    source: str | None = None
+    """Trained draft to export: a native draft directory or a Lightning `.ckpt`; None means
+    `<train.output_dir>/draft` (written at the end of `confu train` from the best checkpoint)."""
+    format: Literal["eagle", "speculators", "native"] = "eagle"
+    """`eagle`: EAGLE / SGLang layout (`LlamaForCausalLMEagle3`); `speculators`: vLLM / speculators
+    layout (`Eagle3Speculator`); `native`: this project's own draft checkpoint."""
+    output_dir: str = "runs/export"
+    """Directory the exported draft is written to (replaced atomically)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Weight dtype of the exported draft."""
+    speculative_tokens: int = 3
+    """`speculative_tokens` recorded in the speculators config (vLLM's default proposal length)."""
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow experiment tracking."""
 
@@ -304,6 +322,8 @@ class ExperimentConfig:
     """Training loop."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """Draft export for serving engines."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking."""
     sweep: SweepConfig = field(default_factory=SweepConfig)

@@ -117,16 +117,18 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         return len(self._epoch_batches())
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._epoch_batches()
-        for batch in batches[self.served :]:
+        # Lightning stops pulling after len(self) batches, so the generator may never run to its
+        # end; a new iteration over a finished epoch (no `set_epoch` in between, e.g. the next
+        # validation) therefore starts the next epoch here instead.
+        if self.served >= len(self):
+            self.epoch, self.served = self.epoch + 1, 0
+        for batch in self._epoch_batches()[self.served :]:
             self.served += 1
             yield batch
-        self.epoch += 1
-        self.served = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at every epoch start; keeps the position when the epoch is unchanged."""
-        if epoch != self.epoch:
+        """Called by Lightning at every epoch start; never moves back (a resumed run may be ahead)."""
+        if epoch > self.epoch:
             self.epoch, self.served = epoch, 0
 
     def seek(self, consumed: int) -> None:

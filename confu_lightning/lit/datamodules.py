@@ -37,9 +37,8 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 class _TokenBudgetDataModule(L.LightningDataModule):
     """Shared split / sampler / loader logic; subclasses provide `_load() -> (dataset, lengths)`."""
 
-    def __init__(
-        self, *, batch_tokens: int, batching: Batching, val_fraction: float, seed: int, num_workers: int, pad_id: int
-    ) -> None:
+    def __init__(self, *, batch_tokens: int = 4096, batching: Batching = "bucket", val_fraction: float = 0.05,
+                 seed: int = 0, num_workers: int = 0, pad_id: int = 0) -> None:
         super().__init__()
         self.batch_tokens = batch_tokens
         self.batching: Batching = batching
@@ -97,20 +96,9 @@ class _TokenBudgetDataModule(L.LightningDataModule):
 class HiddenStateCacheDataModule(_TokenBudgetDataModule):
     """Batches of cached target features (`TokenBatch` with `aux_hidden` and `last_hidden`)."""
 
-    def __init__(
-        self,
-        cache_dir: str | Path,
-        *,
-        expected_identity: Any = None,
-        batch_tokens: int = 4096,
-        batching: Batching = "bucket",
-        val_fraction: float = 0.05,
-        seed: int = 0,
-        num_workers: int = 0,
-        pad_id: int = 0,
-    ) -> None:
-        super().__init__(batch_tokens=batch_tokens, batching=batching, val_fraction=val_fraction,
-                         seed=seed, num_workers=num_workers, pad_id=pad_id)
+    def __init__(self, cache_dir: str | Path, *, expected_identity: Any = None, **batching: Any) -> None:
+        """`batching`: batch_tokens, batching, val_fraction, seed, num_workers, pad_id (see the base class)."""
+        super().__init__(**batching)
         self.cache_dir = Path(cache_dir)
         self.expected_identity = expected_identity
 
@@ -146,19 +134,9 @@ class TokenizedDataset(Dataset):
 class ConversationDataModule(_TokenBudgetDataModule):
     """Batches of tokenised, loss-masked conversations for training with the target in the loop."""
 
-    def __init__(
-        self,
-        samples: Sequence[Any],
-        *,
-        batch_tokens: int = 4096,
-        batching: Batching = "bucket",
-        val_fraction: float = 0.05,
-        seed: int = 0,
-        num_workers: int = 0,
-        pad_id: int = 0,
-    ) -> None:
-        super().__init__(batch_tokens=batch_tokens, batching=batching, val_fraction=val_fraction,
-                         seed=seed, num_workers=num_workers, pad_id=pad_id)
+    def __init__(self, samples: Sequence[Any], **batching: Any) -> None:
+        """`batching`: batch_tokens, batching, val_fraction, seed, num_workers, pad_id (see the base class)."""
+        super().__init__(**batching)
         if not samples:
             raise DataError("ConversationDataModule got no tokenised samples")
         self.samples = list(samples)

@@ -83,3 +83,15 @@ def test_collate_pack_restarts_positions() -> None:
     assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
     assert batch.segment_ids.tolist() == [[0, 0, 0, 1, 1, 1, 1, 1]]
     assert batch.to("cpu").input_ids.tolist() == batch.input_ids.tolist()
+
+
+def test_abandoned_iteration_still_starts_a_full_next_epoch() -> None:
+    """Lightning stops calling next() after len() batches: the generator never finishes."""
+    sampler = TokenBudgetBatchSampler(LENGTHS, 100, shuffle=False)
+    n = len(sampler)
+    for _ in range(3):  # e.g. three validations inside one training epoch
+        it = iter(sampler)
+        got = [next(it) for _ in range(n)]
+        assert len(got) == n
+    sampler.set_epoch(0)  # Lightning's set_epoch with an older epoch must not rewind
+    assert len(list(sampler)) == n
