@@ -484,6 +484,9 @@ def run_export(cfg: ExperimentConfig, progress: Progress | None = None, experime
                                   speculative_tokens=e.speculative_tokens, dtype=dtype, overwrite=True)
     else:
         path = save_draft(draft.to(dtype), out, overwrite=True, extra_meta={"target": cfg.target.name})
+    from confu_lightning.config.io import save_config
+
+    save_config(cfg, path)
     result = {"source": str(source), "format": e.format, "output_dir": str(path),
               "bytes": sum(p.stat().st_size for p in Path(path).iterdir())}
     _log_step(cfg, "export", result, experiment_file, artifacts=tuple(Path(path).glob("*.json")))
