@@ -123,6 +123,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg, result = _run_step(args, "run_eval")
+    for where, why in result["skipped"]:
+        print(f"skipped {where}: {why}")
+    print(result["table"])
+    for method, split in result["time_split"].items():
+        print(f"time split {method}: " + ", ".join(f"{k} {v:.0%}" for k, v in split.items()))
+    print(f"results: {result['output_dir']}/results.json")
+    _say_mlflow(cfg, result)
+    return 0
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -136,6 +148,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "prepare": ("load conversations and let the target regenerate every answer (resumable)", cmd_prepare),
     "cache": ("tokenise prepared conversations and cache the target's hidden states (resumable)", cmd_cache),
     "train": ("train an EAGLE-3 draft on the cache (or online with the target); resumes from last.ckpt", cmd_train),
+    "eval": ("measure acceptance length and speed-up of the trained draft against AR decoding", cmd_eval),
     "export": ("export a trained draft for SGLang (eagle), vLLM (speculators) or as a native checkpoint", cmd_export),
 }
 

@@ -491,3 +491,63 @@ def run_export(cfg: ExperimentConfig, progress: Progress | None = None, experime
               "bytes": sum(p.stat().st_size for p in Path(path).iterdir())}
     _log_step(cfg, "export", result, experiment_file, artifacts=tuple(Path(path).glob("*.json")))
     return result
+
+
+def run_eval(cfg: ExperimentConfig, progress: Progress | None = None, show_bars: bool = True,
+             experiment_file: str | None = None) -> dict[str, Any]:
+    """Evaluate `eval.methods` against AR on `eval.prompts` at `eval.temperatures`; writes
+    `results.json`, plots and `config.yaml` in `eval.output_dir` and records an MLflow run."""
+    import json
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from confu_lightning.config.io import save_config
+    from confu_lightning.eval.bench import format_table, write_plots
+    from confu_lightning.eval.prompts import load_eval_prompts
+    from confu_lightning.eval.runner import build_generators, check_compatible, check_methods, evaluate, time_split
+    from confu_lightning.target.wrapper import load_target
+
+    e = cfg.eval
+    check_methods(e.methods)
+    problems: list[tuple[str, str]] = []
+    prompts = load_eval_prompts(e.prompts, limit=e.max_prompts, problems=problems)
+    target = load_target(cfg.target, progress=progress)
+    draft = None
+    if any(m != "ar" for m in e.methods):
+        from confu_lightning.draft.export import load_exported
+
+        draft_dir = Path(e.draft or Path(cfg.train.output_dir) / "draft")
+        draft = load_exported(draft_dir, embedding=target.embed_tokens.weight.detach()).to(target.device).float()
+        check_compatible(target, draft)
+    timings: dict[str, list[Any]] = {}
+    generators = build_generators(e.methods, target, draft, e, target.tokenizer.eos_token_id, timings)
+    max_context = getattr(target.model.config, "max_position_embeddings", None) or 1 << 30
+    total = len(prompts) * len(e.methods) * len(e.temperatures)
+    with tqdm(total=total, desc="eval", unit="prompt", disable=not show_bars) as bar:
+        outcome = evaluate(generators, target.tokenizer, prompts, temperatures=e.temperatures,
+                           max_new_tokens=e.max_new_tokens, system_prompt=e.system_prompt, seed=cfg.seed,
+                           max_context=max_context, depth=e.depth, progress=bar.update)
+    out = Path(e.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(outcome.results, indent=2) + "\n")
+    with open(out / "requests.jsonl", "w") as fh:
+        for r in outcome.records:
+            fh.write(json.dumps(r.__dict__) + "\n")
+    plots = write_plots(outcome.records, outcome.results, out)
+    save_config(cfg, out)
+    overall = {f"{r['method']}_T{r['temperature']}": r for r in outcome.results if r["category"] == "all"}
+    result: dict[str, Any] = {"output_dir": str(out), "table": format_table(outcome.results),
+                              "skipped": problems + outcome.skipped,
+                              "time_split": {m: time_split(v) for m, v in timings.items()}}
+    from confu_lightning.tracking import step_run
+
+    with step_run(cfg, "eval", experiment_file) as run:
+        if run is not None:
+            for name, row in overall.items():
+                run.log_metrics({f"eval/{k}_{name}": row[k] for k in ("tau", "tau_per_request", "tokens_per_s",
+                                                                       "speedup") if row.get(k) is not None})
+            for path in (out / "results.json", out / "config.yaml", *plots):
+                run.log_artifact(path)
+            result["mlflow_run_id"] = run.run_id
+    return result

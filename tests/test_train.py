@@ -158,3 +158,30 @@ def test_init_from_a_trained_draft(tiny_target_dir: Path, prepared: Path, tmp_pa
     draft = build_eagle3(cfg, vocab, heads, layers, hf_config)
     saved = load_draft(trained["draft_dir"], embedding=heads.embedding_weight)
     assert all(torch.equal(a, b) for a, b in zip(draft.state_dict().values(), saved.state_dict().values()))
+
+
+def test_eval_against_ar_is_lossless_and_writes_results(tiny_target_dir: Path, prepared: Path, tmp_path: Path,
+                                                        mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from confu_lightning.errors import ConfuError
+    from confu_lightning.run import run_eval
+
+    run_train(_cfg(tiny_target_dir, prepared, tmp_path / "train", "train.max_steps=2"), show_bars=False)
+    cfg = _cfg(tiny_target_dir, prepared, tmp_path / "train", "train.max_steps=2", f"eval.output_dir={tmp_path / 'eval'}",
+               "eval.max_prompts=4", "eval.max_new_tokens=12", "eval.temperatures=[0.0,1.0]", "eval.depth=3",
+               "eval.total_tokens=8", "tracking.enabled=true", f"tracking.uri={mlflow_uri}")
+    result = run_eval(cfg, show_bars=False)
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    overall = {(r["method"], r["temperature"]): r for r in rows if r["category"] == "all"}
+    assert set(overall) == {("ar", 0.0), ("eagle3", 0.0), ("ar", 1.0), ("eagle3", 1.0)}
+    assert overall[("ar", 0.0)]["tau"] == 1.0 and overall[("eagle3", 0.0)]["tau"] >= 1.0
+    assert overall[("eagle3", 0.0)]["speedup"] > 0 and len(overall[("eagle3", 0.0)]["accept_rate_by_position"]) == 3
+    requests = [json.loads(x) for x in (tmp_path / "eval" / "requests.jsonl").read_text().splitlines()]
+    greedy = {(r["method"], r["prompt_id"]): r["answers"] for r in requests if r["temperature"] == 0.0}
+    assert all(greedy[("eagle3", pid)] == answers for (m, pid), answers in greedy.items() if m == "ar")  # lossless
+    assert (tmp_path / "eval" / "acceptance_histogram.png").exists()
+    run = MlflowClient(tracking_uri=mlflow_uri).get_run(result["mlflow_run_id"])
+    assert "eval/tau_eagle3_T0.0" in run.data.metrics
+    with pytest.raises(ConfuError, match="unknown eval.methods"):
+        run_eval(load_config(EXPERIMENT, _overrides(tiny_target_dir, prepared, "eval.methods=[ar,medusa]")))

@@ -232,26 +232,41 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Speculative decoding evaluation against the autoregressive baseline."""
+    """Speculative decoding evaluation against the autoregressive baseline (`confu eval`)."""
 
     prompts: str = "builtin"
-    """`builtin` or a SpecBench / MT-bench style question JSONL file."""
+    """`builtin` (66 prompts shipped in the package), `spec_bench` (downloads SpecBench's
+    question.jsonl), or a local SpecBench / MT-bench question JSONL or ShareGPT file."""
+    max_prompts: int | None = None
+    """Evaluate only the first N prompts (None: all)."""
     methods: list[str] = field(default_factory=lambda: ["ar", "eagle3"])
-    """Decoding methods compared (the first is the speed-up baseline)."""
-    temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    """Sampling temperatures evaluated."""
+    """Decoding methods compared; `ar` (the speed-up baseline) must be among them."""
+    draft: str | None = None
+    """Trained draft directory (native, EAGLE or speculators layout); None means `<train.output_dir>/draft`."""
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
+    """Sampling temperatures evaluated (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold at temperature > 0."""
     max_new_tokens: int = 128
-    """Tokens generated per prompt."""
+    """Tokens generated per turn."""
+    system_prompt: str | None = None
+    """System prompt placed before every conversation (None: the chat template's default)."""
     tree: Literal["chain", "dynamic"] = "dynamic"
     """Draft shape: a chain or an EAGLE-2 dynamic tree."""
     depth: int = 6
-    """Draft depth per round."""
+    """Longest drafted path per round."""
     top_k: int = 8
-    """Children expanded per tree level."""
+    """Children expanded per tree level (dynamic tree)."""
     total_tokens: int = 32
-    """Tree nodes verified per round."""
+    """Tree nodes verified per round, root included (dynamic tree)."""
     output_dir: str = "runs/eval"
-    """Where results JSON and plots are written."""
+    """Where `results.json`, plots and the resolved config are written."""
+
+    def __post_init__(self) -> None:
+        _require(self.depth >= 1, "eval.depth", f"must be >= 1, got {self.depth}")
+        _require(self.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _require(0 < self.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(all(t >= 0 for t in self.temperatures), "eval.temperatures", f"must be >= 0, got {self.temperatures}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Speculative decoding: draft trees, verification and the engine (plain PyTorch, no Lightning)."""
