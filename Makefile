@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The spine end to end on the embedded SmolLM2 target (each stage resumes if interrupted).
+DEMO := --config experiments/quickstart.yaml
 demo: venv
-	$(BIN)/confu target
+	$(BIN)/confu target $(DEMO)
+	$(BIN)/confu prepare $(DEMO)
+	$(BIN)/confu cache $(DEMO)
+	$(BIN)/confu train $(DEMO)
+	$(BIN)/confu eval $(DEMO)
 
 test: venv
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
