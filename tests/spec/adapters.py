@@ -8,8 +8,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from confu_lightning.draft.eagle3 import Eagle3Draft
-from confu_lightning.nn.attention import KVCache
 from confu_lightning.spec.protocols import DraftStep, ExtraInputs, TargetStep
 from confu_lightning.eval.adapters import DraftAdapter, TargetAdapter  # noqa: F401  (re-exported for the tests)
 

@@ -47,7 +47,7 @@ def grow_random_pool(top_k: int, depth: int, vocab: int, seed: int):
     lp = torch.log_softmax(torch.randn(1, vocab, generator=gen), -1)
     tok, score, _ = expand_level(torch.zeros(1), lp, top_k)
     toks, scores, parents = [tok], [score], [torch.full((top_k,), -1)]
-    frontier, offset = torch.arange(top_k), 0
+    frontier = torch.arange(top_k)
     for _ in range(depth - 1):
         lp = torch.log_softmax(torch.randn(top_k, vocab, generator=gen), -1)
         fscores = torch.cat(scores)[frontier]
