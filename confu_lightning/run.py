@@ -131,7 +131,7 @@ def run_prepare(cfg: ExperimentConfig, progress: Progress | None = None, show_ba
         target = load_target(_rank_target_config(cfg, local, world), progress=progress)
         report = regenerate(conversations, target.model, target.tokenizer, out_dir, settings,
                             rank=rank, world_size=world, progress=show_bars)
-        counts.counts.update(report.skipped or {})
+        counts.counts.update(report.skipped)
         result.update(written=report.written, already_done=report.already_done, new_tokens=report.new_tokens,
                       tokens_per_s=round(report.tokens_per_s, 1), seconds=round(report.seconds, 1))
     else:

@@ -17,7 +17,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ class RegenerateReport:
     new_tokens: int = 0
     seconds: float = 0.0
     path: str = ""
-    skipped: Counter | None = None
+    skipped: Counter = field(default_factory=Counter)
 
     @property
     def tokens_per_s(self) -> float:
@@ -113,7 +113,7 @@ def regenerate(
     mine = [c for i, c in enumerate(conversations) if i % world_size == rank]
     # Similar lengths share a chunk, so left padding wastes little compute.
     todo = sorted((c for c in mine if c.id not in done), key=lambda c: sum(len(m["content"]) for m in c.messages))
-    report = RegenerateReport(already_done=len(mine) - len(todo), path=str(path), skipped=Counter())
+    report = RegenerateReport(already_done=len(mine) - len(todo), path=str(path))
     started = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"regenerate[rank {rank}]", unit="conv", disable=not progress)
     with open(path, "a", encoding="utf-8") as fh:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from confu_lightning.spec.protocols import DraftStep, ExtraInputs, TargetStep
+from confu_lightning.target.wrapper import cache_length, crop_cache, select_cache
 
 
 class TargetAdapter:
@@ -26,18 +27,12 @@ class TargetAdapter:
         return self.target.new_cache()
 
     def cache_length(self, cache: Any) -> int:
-        from confu_lightning.target.wrapper import cache_length
-
         return cache_length(cache)
 
     def select_cache(self, cache: Any, keep: Tensor) -> None:
-        from confu_lightning.target.wrapper import select_cache
-
         select_cache(cache, keep)
 
     def crop_cache(self, cache: Any, n_keep: int) -> None:
-        from confu_lightning.target.wrapper import crop_cache
-
         crop_cache(cache, n_keep)
 
     @torch.no_grad()
@@ -51,7 +46,7 @@ class TargetAdapter:
             return TargetStep(out.logits[0].float(), out.aux_hidden[0])
         embeds = self.target.embed_tokens(input_ids.to(device))  # (N, H)
         extra_embeds = extra.embeds if extra.embeds is not None else self.target.embed_tokens(extra.input_ids.to(device))
-        past = self.cache_length(cache)
+        past = cache_length(cache)
         if mask is None:
             mask = torch.ones(n, past + n, dtype=torch.bool).tril(past)
         c = extra_embeds.shape[0]

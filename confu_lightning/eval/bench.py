@@ -90,7 +90,7 @@ def answer_prompt(method: str, generate: Generate, tokenizer: Any, prompt: EvalP
     return RequestRecord(method, temperature, prompt.id, prompt.category, tokens, forwards, seconds, accepted, answers)
 
 
-def _summary(records: Sequence[RequestRecord], baseline_seconds: float | None, depth: int) -> dict[str, Any]:
+def _summary(records: Sequence[RequestRecord], depth: int) -> dict[str, Any]:
     tokens = sum(r.n_tokens for r in records)
     forwards = sum(r.forwards for r in records)
     seconds = sum(r.seconds for r in records)
@@ -102,7 +102,7 @@ def _summary(records: Sequence[RequestRecord], baseline_seconds: float | None, d
         "tau": round(tokens / forwards, 4) if forwards else None,
         "tau_per_request": round(sum(per_request) / len(per_request), 4) if per_request else None,
         "tokens_per_s": round(tokens / seconds, 2) if seconds else None,
-        "speedup": round(baseline_seconds / seconds, 4) if baseline_seconds and seconds else None,
+        "speedup": None,  # filled by `aggregate`, which pairs the records with the baseline's
         "accept_rate_by_position": [round(x, 4) for x in accept],
     }
 
@@ -119,7 +119,7 @@ def aggregate(records: Sequence[RequestRecord], baseline: str = "ar", depth: int
         base = [r for r in groups.get((baseline, temperature, category), []) if r.prompt_id in ids]
         same = [r for r in group if r.prompt_id in {b.prompt_id for b in base}]
         base_s = sum(r.seconds for r in base) if base else None
-        row = {"method": method, "temperature": temperature, "category": category, **_summary(group, None, depth)}
+        row = {"method": method, "temperature": temperature, "category": category, **_summary(group, depth)}
         if base_s is not None and same:
             row["speedup"] = round(base_s / sum(r.seconds for r in same), 4)
         results.append(row)
@@ -141,7 +141,8 @@ def write_plots(records: Sequence[RequestRecord], results: Sequence[dict[str, An
         ax.hist(lengths, bins=range(1, max(lengths) + 2), alpha=0.6, label=method, align="left")
     ax.set_xlabel("tokens per verification round (accepted + bonus)")
     ax.set_ylabel("rounds")
-    ax.legend() if methods else None
+    if methods:
+        ax.legend()
     paths.append(out_dir / "acceptance_histogram.png")
     fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -10,25 +10,15 @@ import torch
 
 from confu_lightning.config.schema import OptimConfig
 from confu_lightning.data.batching import TokenBatch
-from confu_lightning.draft.eagle3 import Eagle3Draft, draft_config_from_target
-from confu_lightning.draft.vocab import build_draft_vocab, count_tokens
 from confu_lightning.lit.eagle3_module import Eagle3LitModule, TrainingDiverged
 from confu_lightning.train.losses import step_accuracy, teacher_targets, ttt_step_counts
 from confu_lightning.train.ttt import ttt_unroll
-from tests.train.test_overfit import target_batch
+from tests.train.test_overfit import tiny_draft_and_batch
 
 
 def _setup(tiny_target_dir: Path):
-    torch.manual_seed(0)
-    model, ids, aux, last = target_batch(tiny_target_dir)
-    head = model.lm_head.weight.detach()
-    cfg = draft_config_from_target(model.config.to_dict(), draft_vocab_size=64)
-    draft = Eagle3Draft(cfg)
-    draft.load_embedding(model.get_input_embeddings().weight.detach())
+    _, draft, head, ids, aux, last = tiny_draft_and_batch(tiny_target_dir)
     mask = torch.ones_like(ids, dtype=torch.bool)
-    argmax = (last @ head.T).argmax(-1)
-    vocab = build_draft_vocab(count_tokens([argmax.flatten()], [mask.flatten()], cfg.target_vocab_size), 64)
-    draft.set_vocab(vocab.d2t, vocab.t2d)
     b, t = ids.shape
     batch = TokenBatch(input_ids=ids, loss_mask=mask, attention_mask=mask,
                        position_ids=torch.arange(t).expand(b, t), segment_ids=torch.zeros(b, t, dtype=torch.long),

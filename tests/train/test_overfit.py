@@ -28,17 +28,24 @@ def target_batch(path: Path, batch: int = 2, length: int = 24):
     return model, ids, aux, hs[-1] * SHARPEN
 
 
-def test_draft_overfits_one_batch(tiny_target_dir: Path) -> None:
+def tiny_draft_and_batch(path: Path):
+    """A fresh draft over the tiny target (vocabulary = the teacher's argmax tokens) and one batch of its features."""
     torch.manual_seed(0)
-    model, ids, aux, last = target_batch(tiny_target_dir)
+    model, ids, aux, last = target_batch(path)
     head = model.lm_head.weight.detach()
     cfg = draft_config_from_target(model.config.to_dict(), draft_vocab_size=64)
     draft = Eagle3Draft(cfg)
     draft.load_embedding(model.get_input_embeddings().weight.detach())
-    loss_mask = torch.ones_like(ids)
     argmax = (last @ head.T).argmax(-1)
-    vocab = build_draft_vocab(count_tokens([argmax.flatten()], [loss_mask.flatten()], cfg.target_vocab_size), 64)
+    vocab = build_draft_vocab(count_tokens([argmax.flatten()], [torch.ones_like(argmax).flatten()],
+                                           cfg.target_vocab_size), 64)
     draft.set_vocab(vocab.d2t, vocab.t2d)
+    return model, draft, head, ids, aux, last
+
+
+def test_draft_overfits_one_batch(tiny_target_dir: Path) -> None:
+    model, draft, head, ids, aux, last = tiny_draft_and_batch(tiny_target_dir)
+    loss_mask = torch.ones_like(ids)
     teacher = teacher_targets(last, head, draft.t2d)
     optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-2)
     losses = []
