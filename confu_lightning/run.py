@@ -509,19 +509,22 @@ def run_eval(cfg: ExperimentConfig, progress: Progress | None = None, show_bars:
     from confu_lightning.target.wrapper import load_target
 
     e = cfg.eval
-    check_methods(e.methods)
+    check_methods(e.methods, list(e.drafts))
     problems: list[tuple[str, str]] = []
     prompts = load_eval_prompts(e.prompts, limit=e.max_prompts, problems=problems)
     target = load_target(cfg.target, progress=progress)
-    draft = None
-    if any(m != "ar" for m in e.methods):
+    drafts: dict[str, Any] = {}
+    for method in e.methods:
+        if method == "ar":
+            continue
         from confu_lightning.draft.export import load_exported
 
-        draft_dir = Path(e.draft or Path(cfg.train.output_dir) / "draft")
+        draft_dir = Path(e.drafts.get(method) or e.draft or Path(cfg.train.output_dir) / "draft")
         draft = load_exported(draft_dir, embedding=target.embed_tokens.weight.detach()).to(target.device).float()
         check_compatible(target, draft)
+        drafts[method] = draft
     timings: dict[str, list[Any]] = {}
-    generators = build_generators(e.methods, target, draft, e, target.tokenizer.eos_token_id, timings)
+    generators = build_generators(e.methods, target, drafts, e, target.tokenizer.eos_token_id, timings)
     max_context = getattr(target.model.config, "max_position_embeddings", None) or 1 << 30
     total = len(prompts) * len(e.methods) * len(e.temperatures)
     with tqdm(total=total, desc="eval", unit="prompt", disable=not show_bars) as bar:
@@ -545,8 +548,8 @@ def run_eval(cfg: ExperimentConfig, progress: Progress | None = None, show_bars:
     with step_run(cfg, "eval", experiment_file) as run:
         if run is not None:
             for name, row in overall.items():
-                run.log_metrics({f"eval/{k}_{name}": row[k] for k in ("tau", "tau_per_request", "tokens_per_s",
-                                                                       "speedup") if row.get(k) is not None})
+                keys = ("tau", "tau_per_request", "tokens_per_s", "speedup", "identical_to_ar")
+                run.log_metrics({f"eval/{k}_{name}": row[k] for k in keys if row.get(k) is not None})
             for path in (out / "results.json", out / "config.yaml", *plots):
                 run.log_artifact(path)
             result["mlflow_run_id"] = run.run_id

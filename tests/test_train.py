@@ -170,11 +170,15 @@ def test_eval_against_ar_is_lossless_and_writes_results(tiny_target_dir: Path, p
     run_train(_cfg(tiny_target_dir, prepared, tmp_path / "train", "train.max_steps=2"), show_bars=False)
     cfg = _cfg(tiny_target_dir, prepared, tmp_path / "train", "train.max_steps=2", f"eval.output_dir={tmp_path / 'eval'}",
                "eval.max_prompts=4", "eval.max_new_tokens=12", "eval.temperatures=[0.0,1.0]", "eval.depth=3",
-               "eval.total_tokens=8", "tracking.enabled=true", f"tracking.uri={mlflow_uri}")
+               "eval.total_tokens=8", "tracking.enabled=true", f"tracking.uri={mlflow_uri}",
+               "eval.methods=[ar,eagle3,again]", f"eval.drafts={{again: {tmp_path / 'train' / 'draft'}}}")
     result = run_eval(cfg, show_bars=False)
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())
     overall = {(r["method"], r["temperature"]): r for r in rows if r["category"] == "all"}
-    assert set(overall) == {("ar", 0.0), ("eagle3", 0.0), ("ar", 1.0), ("eagle3", 1.0)}
+    assert set(overall) == {(m, t) for m in ("ar", "eagle3", "again") for t in (0.0, 1.0)}
+    same = ("tau", "n_tokens", "accept_rate_by_position", "identical_to_ar")  # one draft under two names
+    assert [overall[("again", 0.0)][k] for k in same] == [overall[("eagle3", 0.0)][k] for k in same]
+    assert overall[("again", 0.0)]["identical_to_ar"] == 1.0
     assert overall[("ar", 0.0)]["tau"] == 1.0 and overall[("eagle3", 0.0)]["tau"] >= 1.0
     assert overall[("eagle3", 0.0)]["speedup"] > 0 and len(overall[("eagle3", 0.0)]["accept_rate_by_position"]) == 3
     requests = [json.loads(x) for x in (tmp_path / "eval" / "requests.jsonl").read_text().splitlines()]

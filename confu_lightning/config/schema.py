@@ -242,7 +242,11 @@ class EvalConfig:
     methods: list[str] = field(default_factory=lambda: ["ar", "eagle3"])
     """Decoding methods compared; `ar` (the speed-up baseline) must be among them."""
     draft: str | None = None
-    """Trained draft directory (native, EAGLE or speculators layout); None means `<train.output_dir>/draft`."""
+    """Trained draft directory (native, EAGLE or speculators layout) of method `eagle3`; None means
+    `<train.output_dir>/draft`."""
+    drafts: dict[str, str] = field(default_factory=dict)
+    """More drafts compared in the same run: method name -> draft directory, e.g.
+    `{eagle3_long: runs/long/train/draft}`; list each name in `eval.methods` too."""
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
     """Sampling temperatures evaluated (0 = greedy)."""
     top_p: float = 1.0
@@ -267,6 +271,7 @@ class EvalConfig:
         _require(self.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _require(0 < self.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
         _require(all(t >= 0 for t in self.temperatures), "eval.temperatures", f"must be >= 0, got {self.temperatures}")
+        _require("ar" not in self.drafts, "eval.drafts", "`ar` is the autoregressive baseline, not a draft name")
 
 
 @dataclass(frozen=True)

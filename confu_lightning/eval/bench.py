@@ -6,8 +6,10 @@ tokens, target forwards, wall time and the accepted draft length of every round.
 turns those into one record per (method, temperature, category) plus `category = "all"`:
 `tau` pooled (generated tokens / verification forwards, research/eval-anchors.md §1.3),
 `tau_per_request` (mean of per-request ratios), `tokens_per_s`, `speedup` (AR wall time / method
-wall time over the same prompts) and `accept_rate_by_position` (share of rounds whose accepted
-draft length exceeds i).
+wall time over the same prompts), `accept_rate_by_position` (share of rounds whose accepted
+draft length exceeds i) and, for drafts at temperature 0, `identical_to_ar` (share of prompts whose
+answers equal the baseline's word for word: 1.0 in exact arithmetic; bf16 kernels that round a
+tree-shaped batch differently from a one-token step can flip a near-tie, see README).
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ def aggregate(records: Sequence[RequestRecord], baseline: str = "ar", depth: int
         row = {"method": method, "temperature": temperature, "category": category, **_summary(group, depth)}
         if base_s is not None and same:
             row["speedup"] = round(base_s / sum(r.seconds for r in same), 4)
+        if temperature == 0 and method != baseline and base:
+            answers = {r.prompt_id: r.answers for r in base}
+            row["identical_to_ar"] = round(sum(r.answers == answers[r.prompt_id] for r in same) / len(same), 4)
         results.append(row)
     return results
 
@@ -160,9 +165,10 @@ def write_plots(records: Sequence[RequestRecord], results: Sequence[dict[str, An
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     """The overall rows as a fixed-width text table."""
-    lines = [f"{'method':<10}{'T':>5}{'prompts':>9}{'tokens':>8}{'tau':>8}{'tok/s':>9}{'speedup':>9}"]
+    lines = [f"{'method':<10}{'T':>5}{'prompts':>9}{'tokens':>8}{'tau':>8}{'tok/s':>9}{'speedup':>9}{'same as ar':>12}"]
     for r in results:
         if r["category"] == "all":
+            same = f"{r['identical_to_ar']:.0%}" if "identical_to_ar" in r else "-"
             lines.append(f"{r['method']:<10}{r['temperature']:>5}{r['n_prompts']:>9}{r['n_tokens']:>8}"
-                         f"{r['tau'] or 0:>8.3f}{r['tokens_per_s'] or 0:>9.2f}{r['speedup'] or 0:>9.3f}")
+                         f"{r['tau'] or 0:>8.3f}{r['tokens_per_s'] or 0:>9.2f}{r['speedup'] or 0:>9.3f}{same:>12}")
     return "\n".join(lines)

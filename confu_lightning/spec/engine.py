@@ -7,6 +7,10 @@ keep the prefix plus the accepted path in the target cache (`select_cache`; this
 ConFu extra tokens), append the accepted tokens and the bonus token. Batch size 1. τ is reported
 per round as accepted + 1 (Spec-Bench `accept_lengths`); the first token comes from the prefill
 and belongs to no round. Rounds are recorded untruncated; `tokens` is cut at EOS / the budget.
+
+Timings are wall clock and need no explicit device synchronisation: each timed phase ends by
+copying its result to the host (drafted ids `.cpu()`, the accepted path and bonus as ints, the new
+tokens `.tolist()`), which waits for the GPU's queued work.
 """
 
 from __future__ import annotations

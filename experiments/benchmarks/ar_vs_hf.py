@@ -5,6 +5,7 @@ warm-up prompt each; the outputs must match token for token. A baseline slower t
 inflate every speed-up we report, so this ratio belongs next to them.
 
     .venv/bin/python experiments/benchmarks/ar_vs_hf.py --prompts 20 --max-new-tokens 64
+    .venv/bin/python experiments/benchmarks/ar_vs_hf.py --prompts 20 --max-new-tokens 64 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def main() -> None:
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
-    target = load_target(TargetConfig(name=args.target))
+    target = load_target(TargetConfig(name=args.target, dtype=args.dtype))
     tok = target.tokenizer
     prompts = [chat_prompt_ids(tok, None, [{"role": "user", "content": p.turns[0]}])
                for p in load_eval_prompts("builtin", limit=args.prompts + 1)]
@@ -56,7 +58,7 @@ def main() -> None:
             timing[name] += time.perf_counter() - start
         tokens += len(outs["ours"])
         same += outs["ours"] == outs["hf"][: len(outs["ours"])]
-    print(json.dumps({"prompts": len(prompts) - 1, "tokens": tokens, "identical_outputs": same,
+    print(json.dumps({"dtype": args.dtype, "prompts": len(prompts) - 1, "tokens": tokens, "identical_outputs": same,
                       "ours_tokens_per_s": round(tokens / timing["ours"], 2),
                       "hf_tokens_per_s": round(tokens / timing["hf"], 2),
                       "ours_over_hf_speed": round(timing["hf"] / timing["ours"], 3)}, indent=2))

@@ -46,3 +46,15 @@ def test_table_and_plots(tmp_path: Path) -> None:
     assert "eagle3" in format_table(results)
     paths = write_plots(RECORDS, results, tmp_path)
     assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
+
+
+def test_identical_to_ar_counts_prompts_whose_greedy_answers_match() -> None:
+    differing = _rec("eagle3", "b", "qa", 20, 10, 1.0, [1] * 10)
+    differing.answers = ["y"]
+    rows = {(r["method"], r["category"]): r for r in aggregate(RECORDS[:3] + [differing], depth=2)}
+    assert rows[("eagle3", "all")]["identical_to_ar"] == 0.5
+    assert rows[("eagle3", "math")]["identical_to_ar"] == 1.0
+    assert "identical_to_ar" not in rows[("ar", "all")]
+    sampled = [RequestRecord(r.method, 1.0, r.prompt_id, r.category, r.n_tokens, r.forwards, r.seconds, r.accepted,
+                             r.answers) for r in RECORDS]
+    assert all("identical_to_ar" not in r for r in aggregate(sampled, depth=2))

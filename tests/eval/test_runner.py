@@ -43,6 +43,9 @@ def test_methods_are_checked() -> None:
         check_methods(["ar", "medusa"])
     with pytest.raises(ConfuError, match="must include `ar`"):
         check_methods(["eagle3"])
+    check_methods(["ar", "eagle3", "long_run"], named_drafts=["long_run"])
+    with pytest.raises(ConfuError, match="unknown eval.methods \\['long_run'\\]"):
+        check_methods(["ar", "long_run"])
 
 
 def test_draft_for_another_target_is_refused() -> None:
