@@ -513,12 +513,12 @@ def run_eval(cfg: ExperimentConfig, progress: Progress | None = None, show_bars:
     problems: list[tuple[str, str]] = []
     prompts = load_eval_prompts(e.prompts, limit=e.max_prompts, problems=problems)
     target = load_target(cfg.target, progress=progress)
+    from confu_lightning.draft.export import load_exported
+
     drafts: dict[str, Any] = {}
     for method in e.methods:
         if method == "ar":
             continue
-        from confu_lightning.draft.export import load_exported
-
         draft_dir = Path(e.drafts.get(method) or e.draft or Path(cfg.train.output_dir) / "draft")
         draft = load_exported(draft_dir, embedding=target.embed_tokens.weight.detach()).to(target.device).float()
         check_compatible(target, draft)

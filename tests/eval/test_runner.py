@@ -53,3 +53,22 @@ def test_draft_for_another_target_is_refused() -> None:
     draft = SimpleNamespace(config=SimpleNamespace(target_vocab_size=512, feature_size=96, hidden_size=32))
     with pytest.raises(ConfuError, match=r"vocabulary 512 vs the target's 320; hidden size 32"):
         check_compatible(target, draft)
+
+
+def test_methods_take_turns_prompt_by_prompt(tiny_target_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    calls: list[tuple[str, int]] = []
+
+    def tracked(name: str):
+        def generate(ids: torch.Tensor, max_new_tokens: int, temperature: float, seed: int) -> Generation:
+            calls.append((name, max_new_tokens))
+            return _echo(ids, max_new_tokens, temperature, seed)
+        return generate
+
+    tok = AutoTokenizer.from_pretrained(tiny_target_dir)
+    prompts = [EvalPrompt("p1", "qa", ["hi"]), EvalPrompt("p2", "qa", ["yo"])]
+    evaluate({"eagle3": tracked("eagle3"), "ar": tracked("ar")}, tok, prompts, temperatures=[0.0], max_new_tokens=4,
+             system_prompt=None, seed=0, max_context=256, depth=2)
+    timed = [name for name, n in calls if n == 4]  # warm-ups generate 8 tokens
+    assert timed == ["ar", "eagle3", "ar", "eagle3"]
